@@ -204,9 +204,14 @@ def via_responder(flow: str, dry_run: bool, params: dict, yes: bool) -> None:
 def responder() -> None:
     """Keep Prefect and the flows warm so isolate-host and release-host start at once (see flows/responder.py)."""
     import logging
+    import signal
 
     from flows.responder import serve, socket_path
 
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # systemd's stop: no new runs, the ones in progress finish
     rt = runtime()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -215,6 +220,7 @@ def responder() -> None:
         serve(rt)
     except KeyboardInterrupt:
         pass
+    out.print("crashcart responder stopped", highlight=False)
 
 
 def prewarm(rt, hosts) -> None:

@@ -139,25 +139,39 @@ class Quarantine(Step):
                         "dead_man_seconds": plan.data["seconds"], "management_networks": plan.data["networks"]})
 
 
-@register("probe.peer_blocked", kind="check")
-class PeerBlocked(Step):
-    """From the probe host, the host's services (and SSH) can no longer be reached."""
+class _PeerProbe(Step):
+    """From the probe host, try a TCP connection to each of the host's service ports (and SSH)."""
+
+    expect_open = False
 
     def plan(self, ctx: StepContext) -> Plan:
         peer = probe_host(ctx)
         ports = service_ports(ctx.host)
-        return Plan(f"from {peer.name if peer else '(no probe host)'}: TCP {ports} on {ctx.host.address} must fail",
+        must = "connect" if self.expect_open else "fail"
+        return Plan(f"from {peer.name if peer else '(no probe host)'}: TCP {ports} on {ctx.host.address} must {must}",
                     [f"on {peer.name}: tcp connect {ctx.host.address}:{p} (timeout {PROBE_TIMEOUT}s)" for p in ports] if peer else [],
                     data=(peer, ports))
 
-    def apply(self, ctx: StepContext, plan: Plan) -> CheckResult:
+    def probe(self, ctx: StepContext, plan: Plan) -> CheckResult | tuple[Host, list[int], dict[int, bool]]:
+        """(peer, ports, {port: reachable}), or an inconclusive result when no probe host can tell."""
         peer, ports = plan.data
         if peer is None:
-            return CheckResult(CheckStatus.INCONCLUSIVE, "no probe host in the inventory (probe_host): cannot prove isolation from outside")
+            return CheckResult(CheckStatus.INCONCLUSIVE, "no probe host in the inventory (probe_host): cannot prove it from outside")
         try:
-            reach = parse_probe(ctx.run(probe_ports_command(ctx.host.address, ports), host=peer, timeout=20).stdout)
+            return peer, ports, parse_probe(ctx.run(probe_ports_command(ctx.host.address, ports), host=peer, timeout=20).stdout)
         except SSHError as e:
             return CheckResult(CheckStatus.INCONCLUSIVE, f"probe host {peer.name} unavailable: {e}")
+
+
+@register("probe.peer_blocked", kind="check")
+class PeerBlocked(_PeerProbe):
+    """From the probe host, the host's services (and SSH) can no longer be reached."""
+
+    def apply(self, ctx: StepContext, plan: Plan) -> CheckResult:
+        probed = self.probe(ctx, plan)
+        if isinstance(probed, CheckResult):
+            return probed
+        peer, ports, reach = probed
         open_ports = [p for p in ports if reach.get(p, True)]
         detail = {"peer": peer.name, "reachable": {str(p): reach.get(p) for p in ports},
                   "baseline": {str(k): v for k, v in ctx.facts.get("baseline", {}).items()}}
@@ -167,24 +181,16 @@ class PeerBlocked(Step):
 
 
 @register("probe.peer_reachable", kind="check")
-class PeerReachable(Step):
+class PeerReachable(_PeerProbe):
     """From the probe host, the services reachable before isolation are reachable again."""
 
-    def plan(self, ctx: StepContext) -> Plan:
-        peer = probe_host(ctx)
-        ports = service_ports(ctx.host)
-        return Plan(f"from {peer.name if peer else '(no probe host)'}: TCP {ports} on {ctx.host.address} must connect",
-                    [f"on {peer.name}: tcp connect {ctx.host.address}:{p}" for p in ports] if peer else [],
-                    data=(peer, ports))
+    expect_open = True
 
     def apply(self, ctx: StepContext, plan: Plan) -> CheckResult:
-        peer, ports = plan.data
-        if peer is None:
-            return CheckResult(CheckStatus.INCONCLUSIVE, "no probe host in the inventory (probe_host)")
-        try:
-            reach = parse_probe(ctx.run(probe_ports_command(ctx.host.address, ports), host=peer, timeout=20).stdout)
-        except SSHError as e:
-            return CheckResult(CheckStatus.INCONCLUSIVE, f"probe host {peer.name} unavailable: {e}")
+        probed = self.probe(ctx, plan)
+        if isinstance(probed, CheckResult):
+            return probed
+        peer, ports, reach = probed
         closed = [p for p in ports if not reach.get(p)]
         detail = {"peer": peer.name, "reachable": {str(p): reach.get(p) for p in ports}}
         if closed:

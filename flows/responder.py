@@ -87,7 +87,9 @@ class _Handler(socketserver.StreamRequestHandler):
 
 
 class Responder(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
+    # On stop, server_close() waits for the runs in progress: a containment is never cut off halfway.
+    daemon_threads = False
+    block_on_close = True
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -120,7 +122,7 @@ def warm_up() -> None:
 
 
 def serve(runtime: Runtime, ready: threading.Event | None = None) -> None:
-    """Listen until stopped (SIGTERM/Ctrl-C); each request runs in its own thread.
+    """Listen until stopped (SIGTERM/Ctrl-C, then the runs in progress finish); one thread per request.
 
     Connections to the hosts are kept open between runs (with keepalives): an isolation then starts
     on a live session instead of spending a TCP, key exchange and authentication round on it.
