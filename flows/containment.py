@@ -130,13 +130,30 @@ class Quarantine(Step):
             ctx.run(["sh", "-c", fw.script_of(q.define)], timeout=60)
         # One round trip: arm the switch, and only once it is armed, apply.
         armed_at = time.time()
-        ctx.run(fw.deadman_start_command(q.revert, plan.data["seconds"], then=fw.lanes_script(q.lanes, q.last)),
-                timeout=30)
+        result = ctx.run(fw.deadman_start_command(q.revert, plan.data["seconds"], then=q.script()), timeout=30)
         ctx.facts["quarantine"] = {"plan": q, "armed_at": armed_at, "seconds": plan.data["seconds"],
                                    "applied_at": time.time()}
-        return Outcome(StepStatus.SUCCEEDED, f"quarantine applied at runtime; dead man's switch armed for {plan.data['seconds']}s",
+        resync = fw.RESYNCED in result.stderr
+        return Outcome(StepStatus.SUCCEEDED, f"quarantine applied at runtime; dead man's switch armed for {plan.data['seconds']}s"
+                       + ("; firewalld was out of step with nftables and was reloaded first" if resync else ""),
                        {"interfaces_before": q.interfaces, "rules": list(q.rules), "applied_at": time.time(),
-                        "dead_man_seconds": plan.data["seconds"], "management_networks": plan.data["networks"]})
+                        "dead_man_seconds": plan.data["seconds"], "management_networks": plan.data["networks"],
+                        "firewalld_reloaded": resync})
+
+    def repair(self, ctx: StepContext, plan: Plan, verification: list[dict]) -> str | None:
+        """Traffic still passes although firewalld reports the quarantine: reload it, apply again.
+
+        firewalld's view and the kernel's rules part when nftables is changed behind its back (an
+        intruder with root, a hand-run `nft`). Only while management SSH works: when it is lost the
+        dead man's switch reverts instead. The switch stays armed throughout.
+        """
+        checks = {v["check"]: v["status"] for v in verification}
+        if checks.get("probe.management_ssh") != CheckStatus.PASSED.value or ctx.facts.get("management_lost"):
+            return None
+        q: fw.QuarantinePlan = plan.data["plan"]
+        ctx.run(["sh", "-c", "firewall-cmd --reload >/dev/null && { " + q.reapply() + "; }"], timeout=30)
+        return ("traffic still passed although firewalld reported the quarantine (nftables changed behind its back?): "
+                "firewalld reloaded and the quarantine applied again")
 
 
 class _PeerProbe(Step):
@@ -320,8 +337,17 @@ class Release(Step):
                     [" ".join(c) for c in commands], data={"commands": commands, "record": record})
 
     def apply(self, ctx: StepContext, plan: Plan) -> Outcome:
-        ctx.run(["sh", "-c", fw.script_of(plan.data["commands"])], timeout=60)
+        # The permanent configuration first: should the runtime change fail with firewalld out of step
+        # with nftables, a reload from it is then the release.
+        permanent = [c for c in plan.data["commands"] if "--permanent" in c]
+        runtime = [c for c in plan.data["commands"] if "--permanent" not in c]
+        script = fw.script_of(permanent) + " && " + fw.resynced(fw.script_of(runtime)) if permanent else \
+            fw.resynced(fw.script_of(runtime))
+        result = ctx.run(["sh", "-c", script], timeout=60)
         ctx.run(fw.deadman_cancel_command(), timeout=10, check=False)
         isolation_record_path(ctx).unlink(missing_ok=True)
-        return Outcome(StepStatus.SUCCEEDED, "quarantine removed; interfaces back in their recorded zones",
-                       {"restored": plan.data["record"]["before"], "isolation_run": plan.data["record"].get("run_id")})
+        resync = fw.RESYNCED in result.stderr
+        return Outcome(StepStatus.SUCCEEDED, "quarantine removed; interfaces back in their recorded zones"
+                       + ("; firewalld was out of step with nftables and was reloaded" if resync else ""),
+                       {"restored": plan.data["record"]["before"], "isolation_run": plan.data["record"].get("run_id"),
+                        "firewalld_reloaded": resync})

@@ -132,6 +132,17 @@ def execute_runbook(runbook: Runbook, ctx: StepContext, recorder: RunRecorder, h
             if status is StepStatus.SUCCEEDED and spec.verify:
                 verification = _verify(ctx, spec)
                 states = {v["status"] for v in verification}
+                repair = getattr(instance, "repair", None)
+                if CheckStatus.FAILED.value in states and repair:
+                    # One repair and one more verification (e.g. firewalld out of step with nftables).
+                    note, repair_error = _safe(repair, ctx, plan, verification)
+                    if note or repair_error:
+                        detail = {**detail, "repair": note or f"repair failed: {repair_error}",
+                                  "verification_before_repair": verification}
+                    if note:
+                        summary = f"{summary}; {note}"
+                        verification = _verify(ctx, spec)
+                        states = {v["status"] for v in verification}
                 if CheckStatus.FAILED.value in states:
                     failed = [v for v in verification if v["status"] == CheckStatus.FAILED.value]
                     status, summary = StepStatus.FAILED, f"verification failed: {failed[0]['summary']}"

@@ -246,10 +246,20 @@ class QuarantinePlan:
     persist: list[list[Command]] = field(default_factory=list)  # the same change with --permanent, as lanes
     rules: tuple[str, ...] = ()
     interfaces: dict[str, str | None] = field(default_factory=dict)   # interface -> zone before (None: default)
+    again: list[list[Command]] = field(default_factory=list)  # after a reload: every change, whatever the pre-state said
 
     @property
     def apply(self) -> list[Command]:
         return [c for lane in self.lanes for c in lane] + self.last
+
+    def script(self) -> str:
+        """Apply at runtime; on COMMAND_FAILED, reload and apply everything again (see resynced)."""
+        return resynced(lanes_script(self.lanes, self.last), then=self.reapply())
+
+    def reapply(self) -> str:
+        """After `firewall-cmd --reload` the runtime is the permanent configuration, not the pre-state:
+        every rule, interface and the egress zone is (re)applied; what is already there is a warning."""
+        return lanes_script(self.again)
 
     def commands(self) -> list[str]:
         return [shlex.join(c) for c in self.define + self.apply + [c for lane in self.persist for c in lane]]
@@ -306,7 +316,12 @@ def plan_quarantine(state: FirewallState, networks, ports: list[int]) -> Quarant
                       else ["firewall-cmd", f"--zone={zone}", f"--remove-interface={iface}"])
     revert.append(["firewall-cmd", f"--policy={policy}", "--remove-egress-zone=ANY"])
     persist = [lane for lane in (_permanent(zone_lane + move), _permanent(policy_lane)) if lane]
-    return QuarantinePlan(define, lanes, last, revert, persist, tuple(rules), before)
+    again = [([["firewall-cmd", f"--zone={zone}", *[f"--add-rich-rule={r}" for r in rules]]] if rules else [])
+             + ([["firewall-cmd", f"--zone={zone}", *[f"--remove-rich-rule={r}" for r in stale]]] if stale else [])
+             + ([["firewall-cmd", f"--zone={zone}", *[f"--change-interface={i}" for i in before]]] if before else []),
+             [["firewall-cmd", f"--policy={policy}", "--add-ingress-zone=HOST"],
+              ["firewall-cmd", f"--policy={policy}", "--add-egress-zone=ANY"]]]
+    return QuarantinePlan(define, lanes, last, revert, persist, tuple(rules), before, again)
 
 
 def plan_release(current: FirewallState, before: dict[str, str | None]) -> list[Command]:
@@ -341,9 +356,24 @@ def lanes_script(lanes: list[list[Command]], last: list[Command] = ()) -> str:
     if not last and len(lanes) <= 1:
         return script_of(lanes[0] if lanes else [])
     body = " ".join(f"( {script_of(lane)} ) & p{i}=$!;" for i, lane in enumerate(lanes))
-    body += " rc=0; " + " ".join(f"wait $p{i} || rc=1;" for i in range(len(lanes)))
-    body += ' [ "$rc" = 0 ]'
-    return body + (f" && {script_of(list(last))}" if last else "")
+    body += " rc=0; " + " ".join(f"wait $p{i} || rc=$?;" for i in range(len(lanes)))
+    body += ' if [ "$rc" != 0 ]; then exit "$rc"; fi'  # a lane's own exit code (13: see resynced)
+    return body + (f"; {script_of(list(last))}" if last else "")
+
+
+RESYNCED = "crashcart: firewalld was out of step with nftables (COMMAND_FAILED): reloaded from the permanent configuration"
+
+
+def resynced(script: str, then: str = "") -> str:
+    """`script`; if firewalld fails it with COMMAND_FAILED (13), reload, then run `then` (if any).
+
+    firewalld deletes its nftables rules by the handles it remembers: when the ruleset was changed
+    behind its back (`nft` by hand, an intruder with root), a runtime change fails with exit 13 and
+    stays failing. A reload rebuilds every rule from the permanent configuration.
+    """
+    retry = f" && {{ {then}; }}" if then else ""
+    return (f'( {script} ); rc=$?; if [ "$rc" = 13 ]; then echo "{RESYNCED}" >&2; '
+            f'firewall-cmd --reload >/dev/null{retry}; else exit "$rc"; fi')
 
 
 def script_of(commands: list[list[str]], *, stop_on_error: bool = True) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -58,6 +60,10 @@ def test_the_first_isolation_defines_then_applies_in_two_lanes(clean):
     assert plan.lanes == [[["firewall-cmd", "--zone=ccquarantine", "--change-interface=eth0"]],
                           [["firewall-cmd", "--policy=ccquarantine-out", "--add-egress-zone=ANY"]]]
     assert plan.last == []
+    # After a reload the runtime is not the pre-state: everything is applied again.
+    assert plan.again[1] == [["firewall-cmd", "--policy=ccquarantine-out", "--add-ingress-zone=HOST"],
+                             ["firewall-cmd", "--policy=ccquarantine-out", "--add-egress-zone=ANY"]]
+    assert plan.again[0][-1] == ["firewall-cmd", "--zone=ccquarantine", "--change-interface=eth0"]
     assert plan.revert == [["firewall-cmd", "--zone=ccquarantine", "--remove-interface=eth0"],
                            ["firewall-cmd", "--policy=ccquarantine-out", "--remove-egress-zone=ANY"]]
     assert all(c[1] == "--permanent" for lane in plan.persist for c in lane)
@@ -86,8 +92,36 @@ def test_release_restores_recorded_zones_runtime_and_permanent(quarantined):
 def test_lanes_run_side_by_side_and_the_last_waits():
     script = fw.lanes_script([[["a", "1"], ["b"]], [["c"]]], [["d", "x y"]])
     assert script.startswith("( a 1 && b ) & p0=$!; ( c ) & p1=$!;")
-    assert script.endswith("[ \"$rc\" = 0 ] && d 'x y'")
+    assert script.endswith("then exit \"$rc\"; fi; d 'x y'")
     assert fw.lanes_script([[["a"]]]) == "a"
+
+
+def fake_firewall_cmd(tmp_path, fail: str, code: int) -> dict:
+    """A firewall-cmd on PATH that logs its arguments and exits `code` the first time it is asked to `fail`."""
+    tool = tmp_path / "firewall-cmd"
+    tool.write_text(f'#!/bin/sh\necho "$*" >> {tmp_path}/log\n'
+                    f'case "$*" in *{fail}*) [ -e {tmp_path}/failed ] || {{ touch {tmp_path}/failed; exit {code}; }};; esac\n')
+    tool.chmod(0o755)
+    return {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+
+
+MOVE, EGRESS = "--zone=q --change-interface=eth0", "--policy=p --add-egress-zone=ANY"
+
+
+@pytest.mark.parametrize("code, exit_code, calls", [
+    (0, 0, [MOVE, EGRESS]),
+    (13, 0, [MOVE, EGRESS, "--reload", MOVE, EGRESS]),   # COMMAND_FAILED: reload, then apply again
+    (12, 12, [MOVE, EGRESS]),                           # any other failure is the lane's own exit code
+])
+def test_a_command_failed_lane_reloads_and_applies_again(tmp_path, code, exit_code, calls):
+    lanes = fw.lanes_script([[["firewall-cmd", "--zone=q", "--change-interface=eth0"]],
+                             [["firewall-cmd", "--policy=p", "--add-egress-zone=ANY"]]])
+    env = fake_firewall_cmd(tmp_path, "change-interface", code)
+    done = subprocess.run(["sh", "-c", fw.resynced(lanes, then=lanes)], env=env, capture_output=True, text=True)
+    assert done.returncode == exit_code, done.stderr
+    log = (tmp_path / "log").read_text().splitlines()
+    assert sorted(log) == sorted(calls) and (log.index("--reload") == 2 if code == 13 else True)
+    assert (fw.RESYNCED in done.stderr) == (code == 13)
 
 
 def test_hostile_networks_and_interfaces_are_refused(clean):

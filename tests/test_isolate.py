@@ -48,10 +48,15 @@ def password_login(address: str, user: str, password: str) -> bool:
         client.close()
 
 
-def ssh_from_management(address: str) -> bool:
+def ssh_run(address: str, command: str) -> subprocess.CompletedProcess:
+    """A command over plain OpenSSH from the management address, independent of crashcart's SSH layer."""
     return subprocess.run(["ssh", "-i", str(LAB_DIR / "keys" / "id_ed25519"), "-o", f"UserKnownHostsFile={LAB_DIR}/known_hosts",
                            "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=4",
-                           f"root@{address}", "true"], capture_output=True, timeout=15).returncode == 0
+                           f"root@{address}", command], capture_output=True, text=True, timeout=30)
+
+
+def ssh_from_management(address: str) -> bool:
+    return ssh_run(address, "true").returncode == 0
 
 
 def run_records(config: Path, run_id: str) -> list:
@@ -150,6 +155,58 @@ def test_two_simultaneous_runs_apply_once(config):
         import flows.isolate
 
         assert flows.isolate.release_host(hosts=["web-1"], reason="test over", config=str(config))["status"] == "released"
+
+
+def flush_quarantine_chain() -> None:
+    """What an intruder with root (or a hand-run `nft`) does behind firewalld's back."""
+    subprocess.run(["ip", "netns", "exec", "web-1", "nft", "flush", "chain", "inet", "firewalld",
+                    "filter_OUT_policy_ccquarantine-out"], check=True)
+
+
+def test_firewalld_out_of_step_with_nftables_is_reloaded_on_release_and_repaired_on_isolation(flows, config):
+    """firewalld deletes rules by the handles it remembers: once nftables was changed behind its back, its
+    runtime changes fail with COMMAND_FAILED (13), or succeed while the kernel does something else."""
+    def isolate() -> dict:
+        result = flows.isolate_host(hosts=["web-1"], reason="tampered host", config=str(config))
+        assert result["status"] == "contained", result["summary"]
+        assert not reach("peer-1", WEB, 443) and not reach("web-1", PEER, 22)
+        return {s["id"]: s for s in result["hosts"]["web-1"]["steps"]}
+
+    def release() -> dict:
+        released = flows.release_host(hosts=["web-1"], reason="tampered host", config=str(config))
+        assert released["status"] == "released", released["summary"]
+        assert reach("peer-1", WEB, 443) and reach("peer-1", WEB, 22) and reach("web-1", PEER, 22)
+        return {s["id"]: s for s in released["hosts"]["web-1"]["steps"]}
+
+    try:
+        isolate()
+        flush_quarantine_chain()
+        # Without the reload the release fails with 13; the summary says so only when that happened.
+        assert "out of step with nftables and was reloaded" in release()["release"]["summary"]
+
+        isolate()
+        flush_quarantine_chain()
+        assert ssh_run(WEB, "firewall-cmd --policy=ccquarantine-out --remove-egress-zone=ANY").returncode == 13
+        release()
+        # firewalld now reports every change as done while web-1 could still reach out: the check from
+        # outside catches it, and the quarantine is applied again after a reload.
+        quarantine = isolate()["quarantine"]
+        assert "firewalld reloaded and the quarantine applied again" in quarantine["summary"], quarantine
+        assert {v["status"] for v in quarantine["verification"]} == {"passed"}
+        release()
+
+        # firewalld believes the outbound policy is active (its removal failed) on a host that is not
+        # quarantined: the pre-state is wrong, so after the reload everything is applied, not the plan's difference.
+        isolate()
+        flush_quarantine_chain()
+        assert ssh_run(WEB, "firewall-cmd --policy=ccquarantine-out --remove-egress-zone=ANY").returncode == 13
+        assert ssh_run(WEB, "firewall-cmd --zone=ccquarantine --remove-interface=eth0").returncode == 0
+        assert ssh_run(WEB, "firewall-cmd --policy=ccquarantine-out --query-egress-zone=ANY").stdout.strip() == "yes"
+        quarantine = isolate()["quarantine"]
+        assert "reloaded" in quarantine["summary"], quarantine
+    finally:
+        release()
+    assert_verifies(config)
 
 
 def test_vault_stopped_containment_completes_rotation_deferred(flows, config, lab):
