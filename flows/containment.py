@@ -151,7 +151,7 @@ class Quarantine(Step):
         if checks.get("probe.management_ssh") != CheckStatus.PASSED.value or ctx.facts.get("management_lost"):
             return None
         q: fw.QuarantinePlan = plan.data["plan"]
-        ctx.run(["sh", "-c", "firewall-cmd --reload >/dev/null && { " + q.reapply() + "; }"], timeout=30)
+        ctx.run(["sh", "-c", fw.reload_then(q.reapply())], timeout=30)
         return ("traffic still passed although firewalld reported the quarantine (nftables changed behind its back?): "
                 "firewalld reloaded and the quarantine applied again")
 
@@ -341,9 +341,7 @@ class Release(Step):
         # with nftables, a reload from it is then the release.
         permanent = [c for c in plan.data["commands"] if "--permanent" in c]
         runtime = [c for c in plan.data["commands"] if "--permanent" not in c]
-        script = fw.script_of(permanent) + " && " + fw.resynced(fw.script_of(runtime)) if permanent else \
-            fw.resynced(fw.script_of(runtime))
-        result = ctx.run(["sh", "-c", script], timeout=60)
+        result = ctx.run(["sh", "-c", fw.script_of(permanent) + " && " + fw.resynced(fw.script_of(runtime))], timeout=60)
         ctx.run(fw.deadman_cancel_command(), timeout=10, check=False)
         isolation_record_path(ctx).unlink(missing_ok=True)
         resync = fw.RESYNCED in result.stderr

@@ -371,9 +371,12 @@ def resynced(script: str, then: str = "") -> str:
     behind its back (`nft` by hand, an intruder with root), a runtime change fails with exit 13 and
     stays failing. A reload rebuilds every rule from the permanent configuration.
     """
-    retry = f" && {{ {then}; }}" if then else ""
-    return (f'( {script} ); rc=$?; if [ "$rc" = 13 ]; then echo "{RESYNCED}" >&2; '
-            f'firewall-cmd --reload >/dev/null{retry}; else exit "$rc"; fi')
+    return f'( {script} ); rc=$?; if [ "$rc" = 13 ]; then echo "{RESYNCED}" >&2; {reload_then(then)}; else exit "$rc"; fi'
+
+
+def reload_then(then: str = "") -> str:
+    """`firewall-cmd --reload` (runtime := permanent configuration), then `then` if it succeeded."""
+    return "firewall-cmd --reload >/dev/null" + (f" && {{ {then}; }}" if then else "")
 
 
 def script_of(commands: list[list[str]], *, stop_on_error: bool = True) -> str:
